@@ -83,8 +83,12 @@ class Farm:
             for c in self.containers
         ]
         sensors = [
-            {"id": s.id, "container_id": s.container_id, "parameter_id": s.parameter_id,
-             "name": s.name}
+            {
+                "id": s.id,
+                "container_id": s.container_id,
+                "parameter_id": s.parameter_id,
+                "name": s.name,
+            }
             for s in self.sensors
         ]
         return {
@@ -151,13 +155,20 @@ def build_farm(scenario: Scenario) -> Farm:
                 hall_id = len(halls) + 1
                 hall_name = f"{station_name}-{HALL_LETTERS[stage.id - 1]}"
                 halls.append(
-                    {"id": hall_id, "station_id": station_id, "name": hall_name,
-                     "stage_id": stage.id}
+                    {
+                        "id": hall_id,
+                        "station_id": station_id,
+                        "name": hall_name,
+                        "stage_id": stage.id,
+                    }
                 )
                 for n in range(1, geo.hall_containers[stage.name] + 1):
                     add_container(
-                        type_for_stage[stage.id], geo_id, f"{hall_name}{n:02d}",
-                        station_id=station_id, hall_id=hall_id,
+                        type_for_stage[stage.id],
+                        geo_id,
+                        f"{hall_name}{n:02d}",
+                        station_id=station_id,
+                        hall_id=hall_id,
                     )
         for a in range(1, geo.sea_areas + 1):
             area_id = len(areas) + 1
@@ -165,16 +176,16 @@ def build_farm(scenario: Scenario) -> Farm:
             areas.append({"id": area_id, "geography_id": geo_id, "name": area_name})
             for n in range(1, geo.rings_per_area + 1):
                 add_container(
-                    type_for_stage[scenario.sea_stage.id], geo_id, f"{area_name}-R{n:02d}",
+                    type_for_stage[scenario.sea_stage.id],
+                    geo_id,
+                    f"{area_name}-R{n:02d}",
                     sea_area_id=area_id,
                 )
 
     sensors: list[Sensor] = []
     for c in containers:
         for pname in scenario.parameter_names(at_sea=c.sea_area_id is not None):
-            sensors.append(
-                Sensor(len(sensors) + 1, c.id, parameter_id[pname], f"{c.name}:{pname}")
-            )
+            sensors.append(Sensor(len(sensors) + 1, c.id, parameter_id[pname], f"{c.name}:{pname}"))
 
     return Farm(
         geographies=tuple(geographies),

@@ -161,7 +161,9 @@ def stage_starts(scenario: Scenario, start: date) -> tuple[date, ...]:
     return tuple(starts)
 
 
-def reservation_window(scenario: Scenario, starts: tuple[date, ...], stage_index: int) -> tuple[date, date]:
+def reservation_window(
+    scenario: Scenario, starts: tuple[date, ...], stage_index: int
+) -> tuple[date, date]:
     h = scenario.husbandry
     begin = starts[stage_index]
     stage = scenario.stages[stage_index]
@@ -202,7 +204,9 @@ def start_dates(scenario: Scenario, total: int) -> list[tuple[date, int]]:
             continue
         interval = span / count
         offset = interval * g / n_geo
-        starts += [(first + timedelta(days=int(offset + i * interval)), g + 1) for i in range(count)]
+        starts += [
+            (first + timedelta(days=int(offset + i * interval)), g + 1) for i in range(count)
+        ]
     return sorted(starts)
 
 
@@ -218,7 +222,9 @@ class _Pool:
         self.group = np.array([group_of(c) for c in containers], dtype=np.int64)
         self.free_from = np.full(len(containers), -(10**9), dtype=np.int64)
 
-    def take(self, day: int, until: int, needed: int, prefer_group: int | None) -> tuple[int, list[int]] | None:
+    def take(
+        self, day: int, until: int, needed: int, prefer_group: int | None
+    ) -> tuple[int, list[int]] | None:
         free = self.free_from <= day
         groups = np.unique(self.group[free])
         best: tuple[tuple, int] | None = None
@@ -271,7 +277,9 @@ def _pack(scenario: Scenario, farm: Farm, run_seed: int, total: int) -> _Packing
             if begin > scenario.as_of_date:
                 break
             taken = pools[(geo_id, stage.id)].take(
-                (begin - epoch).days, (end - epoch).days, needed[index],
+                (begin - epoch).days,
+                (end - epoch).days,
+                needed[index],
                 None if stage.at_sea else station,
             )
             if taken is None:
@@ -293,7 +301,9 @@ def _pack(scenario: Scenario, farm: Farm, run_seed: int, total: int) -> _Packing
     return _Packing(batches, None)
 
 
-def _usage(scenario: Scenario, farm: Farm, batches: list[BatchPlan]) -> tuple[tuple[date, date], tuple[StageUse, ...]]:
+def _usage(
+    scenario: Scenario, farm: Farm, batches: list[BatchPlan]
+) -> tuple[tuple[date, date], tuple[StageUse, ...]]:
     lo = first_start(scenario) + timedelta(days=STEADY_STATE_OFFSET_DAYS)
     hi = scenario.as_of_date
     if hi <= lo:  # short scenarios: the whole span
@@ -314,15 +324,18 @@ def _usage(scenario: Scenario, farm: Farm, batches: list[BatchPlan]) -> tuple[tu
                 1 for c in farm.containers if c.geography_id == geo["id"] and c.stage_id == stage.id
             )
             usage.append(
-                StageUse(geo["id"], stage.id, count, reserved.get((geo["id"], stage.id), 0),
-                         count * days)
+                StageUse(
+                    geo["id"], stage.id, count, reserved.get((geo["id"], stage.id), 0), count * days
+                )
             )
     return (lo, hi), tuple(usage)
 
 
 def _plan_of(scenario: Scenario, farm: Farm, run_seed: int, batches: list[BatchPlan]) -> Plan:
     window, usage = _usage(scenario, farm, batches)
-    return Plan(run_seed, scenario.as_of_date, scenario.content_hash(), window, tuple(batches), usage)
+    return Plan(
+        run_seed, scenario.as_of_date, scenario.content_hash(), window, tuple(batches), usage
+    )
 
 
 def _largest(ok, upper: int) -> int:
@@ -348,7 +361,9 @@ def _upper_bound(scenario: Scenario, farm: Farm) -> int:
     return max(1, total)
 
 
-def plan(scenario: Scenario, farm: Farm, *, seed: int | None = None, batches: int | None = None) -> Plan:
+def plan(
+    scenario: Scenario, farm: Farm, *, seed: int | None = None, batches: int | None = None
+) -> Plan:
     """Plan the run. With `batches` (or the scenario's), exactly that many, or
     InfeasiblePlan naming the largest count that fits; otherwise the largest count
     whose bottleneck utilisation stays at or below the target saturation."""
