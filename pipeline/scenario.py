@@ -59,7 +59,10 @@ class StageSpec(_Model):
     tgc: float | None = Field(
         default=None, gt=0, le=10, description="per 1000 degC-day; unset = calibrated"
     )
-    mortality_pct_day: float = Field(ge=0, le=5)
+    mortality_pct_day: float = Field(ge=0, le=5, description="stage mean, peaks included")
+    mortality_peak_day: int | None = Field(default=None, ge=0, description="day in stage")
+    mortality_peak_width_days: float = Field(default=7.0, gt=0, le=100)
+    mortality_peak_factor: float = Field(default=1.0, ge=1, le=50)
     fcr: float | None = Field(default=None, gt=0.3, le=3.0, description="unset = not fed")
     growth_spread: float = Field(
         default=0.1, ge=0, le=0.5, description="container growth multiplier: 1 +/- spread"
