@@ -765,7 +765,6 @@ def _reading_sources(engine: _Engine) -> list:
         fed = np.asarray(stay.fed[:days], dtype=np.float64)
         for sensor in engine.farm.sensors_by_container[container.id]:
             parameter = engine.scenario.parameters[sensor.parameter_id - 1]
-            seed = engine._sensor_seed(container.id, parameter.name)
             cols = (engine.batch.batch_id, stay.id, container.id, sensor.id, sensor.parameter_id)
             if parameter.name == "Temperature":  # the very values whose means grew the fish
                 window = engine.temperature_window[container.id]
