@@ -352,7 +352,7 @@ class _Engine:
         for source in sources:
             lost = int(self.rng.binomial(source.pop, self.h.handling_loss_pct / 100))
             self._death_row(source, day, "HANDLING", lost)
-            left = source.pop - lost
+            left = source.pop  # after its handling deaths
             weight = source.weight
             while left > 0:
                 stay, room = move.next_destination(self, day)
