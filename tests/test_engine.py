@@ -29,14 +29,18 @@ def _run(path: str, batch_id: int) -> tuple[BatchRows, dict]:
     return rows, assimilate_rows(rows, scenario.as_of_date)
 
 
-def _harvested_batch(path: str, geography_id: int) -> int:
+SEASONS = {"spring": (3, 4, 5), "autumn": (9, 10, 11)}
+
+
+def _harvested_batch(path: str, geography_id: int, season: str) -> int:
+    """An old batch of the geography whose sea transfer falls in the season."""
     scenario, _, p = _setup(path)
     for b in p.batches:
-        if b.geography_id == geography_id and b.start_date.toordinal() + 1000 < (
-            scenario.as_of_date.toordinal()
-        ):
-            return b.batch_id
-    raise AssertionError("no old enough batch")
+        old_enough = (scenario.as_of_date - b.start_date).days > 1100
+        if b.geography_id == geography_id and old_enough:
+            if b.stage_starts[-1].month in SEASONS[season]:
+                return b.batch_id
+    raise AssertionError(f"no harvested {season} batch")
 
 
 DEMO = "scenarios/demo.toml"
@@ -133,9 +137,10 @@ def test_daily_weight_follows_growth_model() -> None:
         previous[aid] = (w, pop)
 
 
+@pytest.mark.parametrize("season", ["spring", "autumn"])
 @pytest.mark.parametrize("geography_id", [1, 2])
-def test_full_lifecycle_within_realism_bands(geography_id: int) -> None:
-    batch_id = _harvested_batch(DEFAULT, geography_id)
+def test_full_lifecycle_within_realism_bands(geography_id: int, season: str) -> None:
+    batch_id = _harvested_batch(DEFAULT, geography_id, season)
     scenario, _, p = _setup(DEFAULT)
     batch = p.batch(batch_id)
     rows, state = _run(DEFAULT, batch_id)
