@@ -37,9 +37,9 @@ def _harvested_batch(path: str, geography_id: int, season: str) -> int:
     scenario, _, p = _setup(path)
     for b in p.batches:
         old_enough = (scenario.as_of_date - b.start_date).days > 1100
-        if b.geography_id == geography_id and old_enough:
-            if b.stage_starts[-1].month in SEASONS[season]:
-                return b.batch_id
+        sea_month = b.stage_starts[-1].month
+        if b.geography_id == geography_id and old_enough and sea_month in SEASONS[season]:
+            return b.batch_id
     raise AssertionError(f"no harvested {season} batch")
 
 

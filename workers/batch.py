@@ -27,7 +27,9 @@ class BatchOutcome:
         return sum(self.written.rows.values())
 
 
-def compute_batch(batch: BatchPlan, scenario: Scenario, farm: Farm, run_seed: int) -> tuple[BatchRows, dict[str, float]]:
+def compute_batch(
+    batch: BatchPlan, scenario: Scenario, farm: Farm, run_seed: int
+) -> tuple[BatchRows, dict[str, float]]:
     """Engine and assimilation, no database: the rows a job writes, with phase times."""
     began = time.perf_counter()
     rows = simulate(batch, scenario, farm, run_seed)

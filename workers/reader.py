@@ -26,7 +26,9 @@ _QUERIES = {
         "SELECT assignment_id, harvest_date, fish_count, biomass_kg "
         "FROM harvest_event WHERE batch_id = %s"
     ),
-    "feeding_event": "SELECT assignment_id, fed_at, amount_kg FROM feeding_event WHERE batch_id = %s",
+    "feeding_event": (
+        "SELECT assignment_id, fed_at, amount_kg FROM feeding_event WHERE batch_id = %s"
+    ),
     "growth_sample": (
         "SELECT assignment_id, sample_date, fish_count, mean_weight_g, sd_weight_g "
         "FROM growth_sample WHERE batch_id = %s"
