@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import psycopg
+from sqlalchemy import Engine
 
-from pipeline.farm import Farm
+from pipeline.database import load_batch_plan, load_run
+from pipeline.farm import Farm, build_farm
 from pipeline.planner import BatchPlan
-from pipeline.scenario import Scenario
+from pipeline.scenario import Scenario, parse_scenario
 from workers.assimilation import assimilate_rows
 from workers.engine import BatchRows, simulate
 from workers.writer import WriteResult, write_batch
@@ -57,3 +61,28 @@ def run_batch(
     )
     seconds["write"] = time.perf_counter() - began
     return BatchOutcome(rows, written, seconds)
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    run_id: int
+    scenario: Scenario
+    farm: Farm
+    batch: BatchPlan
+    run_seed: int
+
+
+@lru_cache(maxsize=4)
+def _scenario_and_farm(scenario_json: str) -> tuple[Scenario, Farm]:
+    scenario = parse_scenario(json.loads(scenario_json))
+    return scenario, build_farm(scenario)
+
+
+def load_job_inputs(engine: Engine, batch_id: int) -> JobInputs:
+    """What a job needs, from the database alone: the run's scenario and the batch's plan."""
+    record = load_run(engine)
+    if record is None:
+        raise LookupError("the database holds no planned run: run `aquasim plan` first")
+    scenario, farm = _scenario_and_farm(json.dumps(record.scenario, sort_keys=True))
+    batch = load_batch_plan(engine, batch_id, scenario)
+    return JobInputs(record.id, scenario, farm, batch, record.seed)
