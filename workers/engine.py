@@ -40,6 +40,9 @@ BASE_CAUSES = {  # how ordinary deaths split over causes, freshwater / sea
     True: {"UNKNOWN": 0.45, "DISEASE": 0.25, "ENVIRONMENTAL": 0.15, "PREDATION": 0.15},
 }
 CAUSE_CODE = {c: i for i, c in enumerate(MORTALITY_CAUSES)}
+CAUSE_WEIGHTS = np.array(  # row 0 freshwater, row 1 sea; columns in MORTALITY_CAUSES order
+    [[BASE_CAUSES[sea].get(c, 0.0) for c in MORTALITY_CAUSES] for sea in (False, True)]
+)
 FEED_TYPES = (  # pellet size by fish weight (upper bound, g)
     (1.0, "Starter 0.5 mm"),
     (5.0, "Fry 1.0 mm"),
@@ -173,6 +176,11 @@ class _Rows:
         for k, v in row.items():
             cols[k].append(v)
 
+    def extend(self, table: str, **columns: list) -> None:
+        cols = self.data.setdefault(table, {k: [] for k in columns})
+        for k, values in columns.items():
+            cols[k].extend(values)
+
     def arrays(self, table: str, columns: dict[str, str]) -> dict[str, np.ndarray]:
         cols = self.data.get(table, {})
         return {
@@ -206,6 +214,8 @@ class _Engine:
         self.delousing: dict[int, list[_Stay]] = {}  # day -> rings
         self.handled: set[int] = set()  # stays handled today: no feeding
         self.vaccination_stage = len(scenario.freshwater_stages) - 2  # late Parr
+        self.stage_day0 = [self._day(d) for d in batch.stage_starts]
+        self.mortality_shape = [self._stage_shape(stage) for stage in scenario.stages]
         self._prepare_temperatures()
 
     # ---- environment before the day loop ------------------------------------------------------
@@ -368,15 +378,20 @@ class _Engine:
             self._close(source, day)
 
     # ---- mortality ------------------------------------------------------------------------------
-    def _stage_shape(self, stage: StageSpec, day_in_stage: int) -> float:
+    def _stage_shape(self, stage: StageSpec) -> np.ndarray:
+        """Relative mortality over the stage's days (mean 1): hatching or first-feeding peaks."""
         if stage.mortality_peak_day is None or stage.mortality_peak_factor <= 1:
-            return 1.0
+            return np.ones(stage.days)
         days = np.arange(stage.days)
-        bump = np.exp(
-            -0.5 * ((days - stage.mortality_peak_day) / stage.mortality_peak_width_days) ** 2
-        )
-        shape = 1 + (stage.mortality_peak_factor - 1) * bump
-        return float(shape[min(day_in_stage, stage.days - 1)] / shape.mean())
+        z = (days - stage.mortality_peak_day) / stage.mortality_peak_width_days
+        shape = 1 + (stage.mortality_peak_factor - 1) * np.exp(-0.5 * z**2)
+        return shape / shape.mean()
+
+    def _base_rate(self, stay: _Stay, day: int) -> float:
+        stage = stay.stage
+        stage_day = day - self.stage_day0[stage.id - 1]
+        shape = self.mortality_shape[stage.id - 1]
+        return stage.mortality_pct_day / 100 * float(shape[min(max(stage_day, 0), len(shape) - 1)])
 
     def _death_row(self, stay: _Stay, day: int, cause: str, count: int) -> None:
         if count <= 0:
@@ -394,40 +409,48 @@ class _Engine:
         )
 
     def _mortality(self, stays: list[_Stay], day: int) -> None:
+        """Deaths of all open stays at once: negative binomial around the stage rate, with
+        post-handling spikes and outbreaks, split over causes."""
+        if not stays:
+            return
         h = self.h
-        for stay in stays:
-            if stay.pop <= 0:
-                continue
-            stage = stay.stage
-            stage_day = day - self._day(self.batch.stage_starts[stage.id - 1])
-            base = stage.mortality_pct_day / 100 * self._stage_shape(stage, max(stage_day, 0))
-            since = day - stay.spike_from
-            spike = (
-                base * (h.handling_spike_factor - 1) * math.exp(-since / 2.0)
-                if 0 <= since < h.handling_spike_days
-                else 0.0
-            )
-            if stay.outbreak_until < day and self.rng.random() < h.outbreak_prob_per_day:
-                stay.outbreak_until = day + int(self.rng.integers(*h.outbreak_days))
-            outbreak = base * (h.outbreak_factor - 1) if day <= stay.outbreak_until else 0.0
-            mu = stay.pop * (base + spike + outbreak)
-            if mu <= 0:
-                continue
-            deaths = int(
-                self.rng.negative_binomial(NB_DISPERSION, NB_DISPERSION / (NB_DISPERSION + mu))
-            )
-            deaths = min(deaths, stay.pop)
-            if deaths == 0:
-                continue
-            causes = dict.fromkeys(MORTALITY_CAUSES, 0.0)
-            for cause, p in BASE_CAUSES[stage.at_sea].items():
-                causes[cause] += p * base
-            causes["HANDLING"] += spike
-            causes["DISEASE"] += outbreak
-            probs = np.array(list(causes.values()))
-            split = self.rng.multinomial(deaths, probs / probs.sum())
-            for cause, count in zip(causes, split, strict=True):
-                self._death_row(stay, day, cause, int(count))
+        pop = np.array([s.pop for s in stays], dtype=np.int64)
+        base = np.array([self._base_rate(s, day) for s in stays])
+        since = day - np.array([s.spike_from for s in stays])
+        recent = (since >= 0) & (since < h.handling_spike_days)
+        spike = np.where(recent, base * (h.handling_spike_factor - 1) * np.exp(-since / 2.0), 0.0)
+        calm = np.array([s.outbreak_until < day for s in stays])
+        for i in np.flatnonzero(calm & (self.rng.random(len(stays)) < h.outbreak_prob_per_day)):
+            stays[i].outbreak_until = day + int(self.rng.integers(*h.outbreak_days))
+        sick = day <= np.array([s.outbreak_until for s in stays])
+        outbreak = np.where(sick, base * (h.outbreak_factor - 1), 0.0)
+        mu = pop * (base + spike + outbreak)
+        deaths = np.minimum(
+            self.rng.negative_binomial(NB_DISPERSION, NB_DISPERSION / (NB_DISPERSION + mu)), pop
+        )
+        hit = np.flatnonzero(deaths > 0)
+        if not len(hit):
+            return
+        at_sea = np.array([stays[i].stage.at_sea for i in hit], dtype=np.int64)
+        weights = base[hit, None] * CAUSE_WEIGHTS[at_sea]
+        weights[:, CAUSE_CODE["HANDLING"]] += spike[hit]
+        weights[:, CAUSE_CODE["DISEASE"]] += outbreak[hit]
+        split = self.rng.multinomial(deaths[hit], weights / weights.sum(axis=1, keepdims=True))
+        rows, causes = np.nonzero(split)
+        counts = split[rows, causes]
+        dead = [stays[i] for i in hit[rows]]
+        for stay, count in zip(dead, counts, strict=True):
+            stay.pop -= int(count)
+        self.rows.extend(
+            "mortality_event",
+            batch_id=[self.batch.batch_id] * len(dead),
+            assignment_id=[s.id for s in dead],
+            container_id=[s.container.id for s in dead],
+            event_date=[self._date(day)] * len(dead),
+            fish_count=counts.tolist(),
+            cause=causes.tolist(),
+            biomass_kg=(counts * np.array([s.weight for s in dead]) / 1000.0).tolist(),
+        )
 
     # ---- one day --------------------------------------------------------------------------------
     def step(self, day: int) -> None:
@@ -440,48 +463,61 @@ class _Engine:
                 self._treatment(stay, day, "delousing")
         self._vaccinations(day)
         self._harvest(day)
-        survivors = [s for s in self.open if s.pop > 0]
-        self._mortality(survivors, day)
+        self._mortality([s for s in self.open if s.pop > 0], day)
+        self._grow_and_feed([s for s in self.open if s.pop > 0], day)
         for stay in self.open:
-            if stay.pop > 0:
-                self._grow_and_feed(stay, day)
-            else:  # emptied by deaths alone: stays open, holds nothing
+            if stay.pop <= 0:  # emptied by deaths alone: stays open, holds nothing
                 stay.biomass.append(0.0)
                 stay.fed.append(False)
         self._observe(day)
 
-    def _grow_and_feed(self, stay: _Stay, day: int) -> None:
-        temperature = self.temperature_c[stay.container.id][
-            day - self.reading_windows[stay.container.id][0]
-        ]
-        start_weight = stay.weight
-        stay.weight = float(
-            grow(np.float64(start_weight), np.float64(stay.tgc), np.float64(temperature))
-        )
-        gain_kg = stay.pop * (stay.weight - start_weight) / 1000.0
-        fed = stay.stage.fcr is not None and stay.id not in self.handled and gain_kg > 0
-        if fed:
-            self._feed(stay, day, gain_kg, start_weight)
-        stay.biomass.append(stay.pop * stay.weight / 1000.0)
-        stay.fed.append(fed)
+    def _temperature_today(self, stay: _Stay, day: int) -> float:
+        first_day = self.reading_windows[stay.container.id][0]
+        return float(self.temperature_c[stay.container.id][day - first_day])
 
-    def _feed(self, stay: _Stay, day: int, gain_kg: float, start_weight: float) -> None:
-        assert stay.stage.fcr is not None
-        total = gain_kg * stay.stage.fcr * max(0.5, 1 + self.rng.normal(0, self.h.feed_noise))
+    def _grow_and_feed(self, stays: list[_Stay], day: int) -> None:
+        """Growth of all stays holding fish, then feed = biomass gain × FCR (not when handled)."""
+        if not stays:
+            return
+        start_weight = np.array([s.weight for s in stays])
+        tgc = np.array([s.tgc for s in stays])
+        temperature = np.array([self._temperature_today(s, day) for s in stays])
+        weight = grow(start_weight, tgc, temperature)
+        pop = np.array([s.pop for s in stays], dtype=np.int64)
+        gain_kg = pop * (weight - start_weight) / 1000.0
+        fcr = np.array([s.stage.fcr or 0.0 for s in stays])
+        handled = np.array([s.id in self.handled for s in stays])
+        fed = (fcr > 0) & ~handled & (gain_kg > 0)
+        for stay, w, n, f in zip(stays, weight.tolist(), pop.tolist(), fed.tolist(), strict=True):
+            stay.weight = w
+            stay.biomass.append(n * w / 1000.0)
+            stay.fed.append(f)
+        if fed.any():
+            self._feed([stays[i] for i in np.flatnonzero(fed)], day, (gain_kg * fcr)[fed],
+                       start_weight[fed], pop[fed])  # fmt: skip
+
+    def _feed(
+        self, stays: list[_Stay], day: int, need_kg: np.ndarray, start_weight: np.ndarray,
+        pop: np.ndarray,
+    ) -> None:  # fmt: skip
+        """Two (or more) feedings a day per stay, the day's ration split with some noise."""
+        n = len(stays)
+        noise = np.maximum(0.5, 1 + self.rng.normal(0, self.h.feed_noise, n))
+        total = need_kg * noise
         hours = self.h.feeding_hours
-        split = self.rng.dirichlet(np.full(len(hours), 20.0))
-        kind = feed_type(start_weight)
-        biomass = stay.pop * start_weight / 1000.0
+        split = self.rng.dirichlet(np.full(len(hours), 20.0), size=n)
+        kinds = [feed_type(w) for w in start_weight.tolist()]
+        biomass = (pop * start_weight / 1000.0).tolist()
         day_start = np.datetime64(self._date(day), "D").astype("datetime64[us]")
-        for hour, part in zip(hours, split, strict=True):
-            self.rows.add(
+        for j, hour in enumerate(hours):
+            self.rows.extend(
                 "feeding_event",
-                batch_id=self.batch.batch_id,
-                assignment_id=stay.id,
-                container_id=stay.container.id,
-                fed_at=day_start + np.timedelta64(hour, "h"),
-                feed_type=kind,
-                amount_kg=total * float(part),
+                batch_id=[self.batch.batch_id] * n,
+                assignment_id=[s.id for s in stays],
+                container_id=[s.container.id for s in stays],
+                fed_at=[day_start + np.timedelta64(hour, "h")] * n,
+                feed_type=kinds,
+                amount_kg=(total * split[:, j]).tolist(),
                 biomass_kg=biomass,
             )
 
@@ -587,9 +623,7 @@ class _Engine:
         )
 
     def _lice(self, stay: _Stay, day: int) -> None:
-        temperature = self.temperature_c[stay.container.id][
-            day - self.reading_windows[stay.container.id][0]
-        ]
+        temperature = self._temperature_today(stay, day)
         stay.lice = stay.lice * math.exp(
             LICE_GROWTH_PER_DEGREE_DAY * temperature * self.h.sample_interval_days
         )
