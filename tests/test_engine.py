@@ -188,3 +188,16 @@ def test_full_lifecycle_within_realism_bands(geography_id: int, season: str) -> 
         if d in sea_ids:
             stocked[int(d)] += int(n)
     assert max(stocked.values()) <= 200_000
+
+
+def test_every_batch_in_a_sea_area_sees_the_same_sea() -> None:
+    from datetime import date
+
+    from workers.environment import sea_area_temperature_c
+
+    scenario, _, p = _setup(DEFAULT)
+    geo = scenario.geographies[0]
+    long = sea_area_temperature_c(scenario, p.seed, 3, geo, date(2023, 1, 1), 400)
+    short = sea_area_temperature_c(scenario, p.seed, 3, geo, date(2023, 6, 1), 100)
+    offset = (date(2023, 6, 1) - date(2023, 1, 1)).days
+    assert np.array_equal(long[offset : offset + 100], short)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
+from functools import lru_cache
 
 import numpy as np
 
@@ -23,8 +24,9 @@ def ar1(rng: np.random.Generator, days: int, sd: float) -> np.ndarray:
     """Stationary AR(1) noise with marginal standard deviation `sd`."""
     if days <= 0:
         return np.zeros(0)
-    shocks = rng.normal(0.0, sd * np.sqrt(1 - AR_PHI**2), days)
-    shocks[0] = rng.normal(0.0, sd)
+    z = rng.normal(0.0, 1.0, days)  # a longer series extends a shorter one exactly
+    shocks = z * sd * np.sqrt(1 - AR_PHI**2)
+    shocks[0] = z[0] * sd
     out = np.empty(days)
     level = 0.0
     for i, shock in enumerate(shocks):  # short loop: days, not readings
@@ -51,9 +53,18 @@ def sea_area_temperature_c(
     any other window over the days they share."""
     temperature = next(p for p in scenario.parameters if p.name == "Temperature")
     offset = (first - EPOCH).days
-    rng = np.random.default_rng(np.random.SeedSequence([run_seed, 7_000_000 + area_id]))
-    noise = ar1(rng, offset + days, temperature.drift_sd)[offset:]
+    noise = _area_noise(run_seed, area_id, temperature.drift_sd, offset + days)[offset:]
     return sea_calendar_c(geo, first, days) + noise
+
+
+@lru_cache(maxsize=64)
+def _area_noise(run_seed: int, area_id: int, sd: float, days: int) -> np.ndarray:
+    """An area's sea noise from the epoch on; cached because every ring of a batch reads it
+    (read-only: callers slice it)."""
+    rng = np.random.default_rng(np.random.SeedSequence([run_seed, 7_000_000 + area_id]))
+    noise = ar1(rng, days, sd)
+    noise.flags.writeable = False
+    return noise
 
 
 def diurnal_shape(minutes: np.ndarray) -> np.ndarray:
