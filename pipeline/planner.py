@@ -27,7 +27,7 @@ from datetime import date, timedelta
 import numpy as np
 
 from pipeline.farm import Container, Farm
-from pipeline.scenario import Scenario
+from pipeline.scenario import Scenario, StageSpec
 
 STEADY_STATE_OFFSET_DAYS = 900
 
@@ -129,12 +129,22 @@ def stage_survival(scenario: Scenario, mortality_factor: float) -> list[float]:
     return out
 
 
+def latest_weight_g(scenario: Scenario, stage: StageSpec) -> float:
+    """Nominal weight of the stage's fish at the end of the outgoing transfer window: growth
+    is linear in the cube root, so it extends the stage's cube-root gain by W/D."""
+    assert stage.weight_out_g is not None
+    w = scenario.husbandry.transfer_window_days
+    gain = stage.weight_out_g ** (1 / 3) - stage.weight_in_g ** (1 / 3)
+    return (stage.weight_in_g ** (1 / 3) + gain * (stage.days + w) / stage.days) ** 3
+
+
 def containers_needed(scenario: Scenario, eggs: int) -> list[int]:
     """Containers per stage for a batch of `eggs`, from the density limits.
 
     Counts use the planning mortality (below the mean, so the estimate errs
     towards more fish); freshwater biomass is held at `fill_fraction` of the
-    container's limit at the end of the stage.
+    container's limit at the end of the stage, and at `window_end_fill_fraction`
+    on the last day a tank may still hold the stage's fish.
     """
     h = scenario.husbandry
     survival = stage_survival(scenario, h.planning_mortality_factor)
@@ -147,8 +157,14 @@ def containers_needed(scenario: Scenario, eggs: int) -> list[int]:
             n = max(n, math.ceil(fish_in / ctype.max_count))
         if not stage.at_sea:
             fish_out = eggs * survival[i]
-            biomass_kg = fish_out * stage.weight_out_g / 1000
-            n = max(n, math.ceil(biomass_kg / (h.fill_fraction * ctype.biomass_limit_kg)))
+            limit_kg = ctype.biomass_limit_kg
+            at_end_kg = fish_out * stage.weight_out_g / 1000
+            at_window_end_kg = fish_out * latest_weight_g(scenario, stage) / 1000
+            n = max(
+                n,
+                math.ceil(at_end_kg / (h.fill_fraction * limit_kg)),
+                math.ceil(at_window_end_kg / (h.window_end_fill_fraction * limit_kg)),
+            )
         needed.append(n)
     return needed
 

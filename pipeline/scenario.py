@@ -147,6 +147,9 @@ class HusbandrySpec(_Model):
     fill_fraction: float = Field(
         default=0.85, gt=0, le=1, description="planned end-of-stage biomass / max biomass"
     )
+    window_end_fill_fraction: float = Field(
+        default=0.95, gt=0, le=1, description="biomass / max biomass at transfer window end"
+    )
     planning_mortality_factor: float = Field(
         default=0.85, gt=0, le=1, description="planned deaths / mean deaths when sizing counts"
     )

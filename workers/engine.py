@@ -325,7 +325,10 @@ class _Engine:
     def _schedule_transfer(self, from_stage: StageSpec, day: int) -> None:
         """Empty the stage's containers over the transfer window, 1..max a day."""
         sources = [s for s in self.open if s.stage.id == from_stage.id]
-        order = [sources[i] for i in self.rng.permutation(len(sources))]
+        # fullest first: the tanks left longest in the window are the ones with most room
+        order = sorted(
+            sources, key=lambda s: (-s.pop * s.weight / s.container.max_biomass_kg, s.id)
+        )
         n = len(order)
         most = self.h.max_sources_per_day
         min_days = math.ceil(n / most)
