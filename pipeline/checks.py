@@ -15,14 +15,17 @@ of the data contract: an assignment covers `[start_date, end_date)`, an open
 one (`end_date` NULL) ends at the run's as-of date + 1, and a timestamp's date
 is its UTC date.
 
-I-18 (determinism), I-19 (idempotent jobs) and I-20 (plausibility) are not here:
-they need re-simulation, job checksums or the realism bands.
+I-18 (determinism), I-19 (idempotent jobs) and I-20 (plausibility) are at the end:
+they read the run ledger (`batch_job`) besides the rows, re-simulate batches in-process
+or judge the realism bands (pipeline.realism). They are registered in `JOB_CHECKS`;
+`CHECKS` keeps the set-based SQL checks I-1 … I-17 and `INVARIANTS` holds all twenty.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dtime
@@ -69,6 +72,7 @@ class CheckResult:
     violations: int
     examples: list[dict[str, Any]]
     seconds: float
+    note: str = ""  # what was examined when not everything was (I-18, I-19 samples)
 
     @property
     def passed(self) -> bool:
@@ -1183,6 +1187,298 @@ bad AS (
     return _run(conn, "I-17", query, _params(ctx, scope), began)
 
 
+# ---- I-18 … I-20: the ledger, re-simulation and the realism bands ----------------------------
+
+DETERMINISM_SAMPLE = 3  # batches re-simulated in-process (I-18)
+IDEMPOTENCE_SAMPLE = 20  # batches whose stored rows are re-checksummed (I-19)
+IN_FLIGHT = ("queued", "running")
+
+
+def sample_evenly(ids: Iterable[int], k: int) -> list[int]:
+    """k of the ids, spread evenly over them in id order (first and last included when
+    k ≥ 2, the middle one when k = 1); all of them when k ≥ their number. Deterministic."""
+    ordered = sorted(set(ids))
+    n = len(ordered)
+    if k >= n:
+        return ordered
+    if k <= 0:
+        return []
+    if k == 1:
+        return [ordered[(n - 1) // 2]]
+    return [ordered[round(i * (n - 1) / (k - 1))] for i in range(k)]
+
+
+def _rows_of(checksum: str | None) -> int:
+    """The row count of a table checksum `rows:hex`."""
+    try:
+        return int(str(checksum).split(":", 1)[0])
+    except ValueError:
+        return 0
+
+
+@dataclass(frozen=True)
+class _Job:
+    batch_id: int
+    checksum: str | None
+    checksums: dict[str, str] | None
+
+
+def _succeeded_jobs(
+    conn: Connection, run_id: int, scope: _Scope, recorded_only: bool
+) -> tuple[list[_Job], int]:
+    """The succeeded jobs in scope, and how many were left out because their checksums
+    are not recorded yet (only with `recorded_only`: a worker may record them just after
+    its commit, see pipeline.ledger.record)."""
+    rows = conn.execute(
+        f"""SELECT batch_id, checksum, checksums FROM batch_job
+             WHERE run_id = %(run_id)s AND state = 'succeeded' AND {scope("batch_id")}
+             ORDER BY batch_id""",  # type: ignore[arg-type]
+        {"run_id": run_id, "batches": scope.ids},
+        prepare=False,
+    ).fetchall()
+    jobs = [_Job(int(b), c, cs) for b, c, cs in rows]
+    if not recorded_only:
+        return jobs, 0
+    kept = [j for j in jobs if j.checksum is not None and j.checksums is not None]
+    return kept, len(jobs) - len(kept)
+
+
+def _pending_note(pending: int) -> str:
+    return f"; {pending} succeeded jobs without recorded checksums yet left out" if pending else ""
+
+
+def _ids(batches: Sequence[int]) -> str:
+    return ", ".join(map(str, batches)) or "none"
+
+
+def _job_inputs(conn: Connection, batch_id: int) -> tuple[Any, Any, Any, int]:
+    """(batch plan, scenario, farm, run seed) of a batch, read from the database alone,
+    as a worker reads them (workers.batch.load_job_inputs, on this connection)."""
+    from pipeline.planner import BatchPlan, Reservation, stage_starts
+
+    row = conn.execute(
+        "SELECT seed, scenario::text FROM run ORDER BY id LIMIT 1", prepare=False
+    ).fetchone()
+    assert row is not None
+    run_seed, scenario_json = row
+    scenario, farm = _scenario_and_farm(scenario_json)
+    batch = conn.execute(
+        "SELECT id, geography_id, start_date, eggs, harvest_target_g, seed"
+        " FROM batch WHERE id = %s",
+        (batch_id,),
+        prepare=False,
+    ).fetchone()
+    if batch is None:
+        raise KeyError(f"batch {batch_id} is not in the plan")
+    reservations = conn.execute(
+        "SELECT id, batch_id, container_id, stage_id, start_date, end_date"
+        " FROM container_reservation WHERE batch_id = %s ORDER BY id",
+        (batch_id,),
+        prepare=False,
+    ).fetchall()
+    plan = BatchPlan(
+        batch_id=batch[0],
+        geography_id=batch[1],
+        start_date=batch[2],
+        eggs=batch[3],
+        harvest_target_g=batch[4],
+        seed=batch[5],
+        stage_starts=stage_starts(scenario, batch[2]),
+        reservations=tuple(Reservation(*r) for r in reservations),
+    )
+    return plan, scenario, farm, int(run_seed)
+
+
+def _scenario_and_farm(scenario_json: str) -> tuple[Any, Any]:
+    from workers.batch import _scenario_and_farm as cached  # lru-cached, shared with workers
+
+    return cached(json.dumps(json.loads(scenario_json), sort_keys=True))
+
+
+def check_I_18(
+    conn: Connection,
+    batch_ids: list[int] | None,
+    *,
+    sample: int = DETERMINISM_SAMPLE,
+    in_flight_ok: bool = False,
+) -> CheckResult:
+    """Determinism: re-simulate `sample` succeeded batches in-process (engine and
+    assimilation, no database write), chosen evenly over their ids, and compare every
+    table's order-independent checksum with the one the job stored in
+    `batch_job.checksums`. Examines the re-simulated rows; violations = tables differing
+    (a job without stored checksums differs in every table, unless `in_flight_ok`: mid-run
+    such a job is left out, its worker may be about to record them)."""
+    from schema.models import BATCH_TABLES
+    from workers.batch import compute_batch
+    from workers.checksum import rows_checksums
+
+    began = time.perf_counter()
+    ctx, scope = _context(conn, batch_ids)
+    succeeded, pending = _succeeded_jobs(conn, ctx.run_id, scope, recorded_only=in_flight_ok)
+    jobs = {j.batch_id: j for j in succeeded}
+    chosen = sample_evenly(jobs, sample)
+    examined, bad = 0, []
+    for batch_id in chosen:
+        plan, scenario, farm, run_seed = _job_inputs(conn, batch_id)
+        rows, _ = compute_batch(plan, scenario, farm, run_seed)
+        again = rows_checksums(rows)
+        stored = jobs[batch_id].checksums or {}
+        for table in BATCH_TABLES:
+            examined += _rows_of(again[table])
+            if stored.get(table) != again[table]:
+                bad.append(
+                    {
+                        "batch_id": batch_id,
+                        "table": table,
+                        "stored": stored.get(table),
+                        "resimulated": again[table],
+                    }
+                )
+    note = f"re-simulated {len(chosen)} of {len(jobs)} succeeded batches: {_ids(chosen)}"
+    note += _pending_note(pending)
+    return CheckResult(
+        "I-18", examined, len(bad), bad[:EXAMPLES], time.perf_counter() - began, note
+    )
+
+
+def _distinct_batches(conn: Connection, table: str) -> list[int]:
+    """The batch ids present in a table, by a skip scan of its batch_id index."""
+    query = f"""
+WITH RECURSIVE ids AS (
+    SELECT (SELECT min(batch_id) FROM {table}) AS b
+    UNION ALL
+    SELECT (SELECT min(batch_id) FROM {table} WHERE batch_id > ids.b) FROM ids
+     WHERE ids.b IS NOT NULL
+)
+SELECT b FROM ids WHERE b IS NOT NULL"""
+    return [int(r[0]) for r in conn.execute(query, prepare=False)]  # type: ignore[arg-type]
+
+
+def check_I_19(
+    conn: Connection,
+    batch_ids: list[int] | None,
+    *,
+    sample: int = IDEMPOTENCE_SAMPLE,
+    in_flight_ok: bool = False,
+) -> CheckResult:
+    """Idempotent jobs. For the succeeded batches (all when at most `sample`, else
+    `sample` of them evenly over their ids) every table's checksum is recomputed from the
+    stored rows (workers.checksum.stored_checksums, streamed by COPY) and compared with
+    the job's `batch_job.checksums`, and their combination with `batch_job.checksum`.
+    Then, over the whole database whatever the scope: no orphans, i.e. no rows of a
+    batch without a succeeded job. With `in_flight_ok` (scheduled, mid-run) a queued or
+    running job's batch may hold an earlier attempt's rows, and a succeeded job whose
+    checksums are not recorded yet is left out. Violations = tables differing + combined
+    checksums differing + orphan rows."""
+    from schema.models import BATCH_TABLES
+    from workers.checksum import batch_checksum, stored_checksums
+
+    began = time.perf_counter()
+    ctx, scope = _context(conn, batch_ids)
+    succeeded, pending = _succeeded_jobs(conn, ctx.run_id, scope, recorded_only=in_flight_ok)
+    jobs = {j.batch_id: j for j in succeeded}
+    chosen = sample_evenly(jobs, sample)
+    examined, violations, bad = 0, 0, []
+    for batch_id in chosen:
+        job = jobs[batch_id]
+        again = stored_checksums(conn, batch_id)
+        recorded = job.checksums or {}
+        differing = [t for t in BATCH_TABLES if recorded.get(t) != again[t]]
+        examined += sum(_rows_of(again[t]) for t in BATCH_TABLES)
+        for table in differing:
+            bad.append(
+                {
+                    "batch_id": batch_id,
+                    "problem": "stored rows differ from what the job wrote",
+                    "table": table,
+                    "recorded": recorded.get(table),
+                    "stored": again[table],
+                }
+            )
+        combined = batch_checksum(again)
+        if not differing and job.checksum != combined:
+            bad.append(
+                {
+                    "batch_id": batch_id,
+                    "problem": "batch checksum differs",
+                    "table": None,
+                    "recorded": job.checksum,
+                    "stored": combined,
+                }
+            )
+        violations += len(differing) or int(job.checksum != combined)
+    # orphans: every batch table, whatever the scope
+    allowed = {
+        int(r[0])
+        for r in conn.execute(
+            "SELECT batch_id FROM batch_job WHERE run_id = %s AND state = ANY(%s)",
+            (ctx.run_id, ["succeeded", *IN_FLIGHT] if in_flight_ok else ["succeeded"]),
+            prepare=False,
+        )
+    }
+    for table in BATCH_TABLES:
+        orphans = sorted(set(_distinct_batches(conn, table)) - allowed)
+        if not orphans:
+            continue
+        counts = conn.execute(
+            f"SELECT batch_id, count(*) FROM {table} WHERE batch_id = ANY(%s)"  # type: ignore[arg-type]
+            " GROUP BY batch_id ORDER BY batch_id",
+            (orphans,),
+            prepare=False,
+        ).fetchall()
+        states = dict(
+            conn.execute(
+                "SELECT batch_id, state FROM batch_job WHERE run_id = %s AND batch_id = ANY(%s)",
+                (ctx.run_id, orphans),
+                prepare=False,
+            ).fetchall()
+        )
+        for batch_id, n in counts:
+            violations += n
+            examined += n
+            bad.append(
+                {
+                    "batch_id": batch_id,
+                    "problem": "rows of a batch without a succeeded job",
+                    "table": table,
+                    "rows": n,
+                    "job_state": states.get(batch_id),
+                }
+            )
+    how = "all" if len(chosen) == len(jobs) else f"a sample of {len(chosen)} of"
+    note = f"checksums recomputed for {how} {len(jobs)} succeeded batches: {_ids(chosen)}"
+    note += _pending_note(pending)
+    return CheckResult(
+        "I-19", examined, violations, bad[:EXAMPLES], time.perf_counter() - began, note
+    )
+
+
+def plausibility_result(figures: Sequence[Any], seconds: float) -> CheckResult:
+    """I-20 from evaluated realism figures: violations = bands that do not hold."""
+    judged = [f for f in figures if f.judged]
+    failing = [f for f in judged if not f.passed]
+    note = f"{len(judged) - len(failing)} of {len(judged)} realism bands hold"
+    return CheckResult(
+        "I-20",
+        sum(f.batches for f in judged),
+        len(failing),
+        [f.as_dict() for f in failing][:EXAMPLES],
+        seconds,
+        note,
+    )
+
+
+def check_I_20(conn: Connection, batch_ids: list[int] | None) -> CheckResult:
+    """Plausibility: the realism figures of the batches in scope (pipeline.realism) each
+    inside its band of farm-model.md §6 — median inside, ≥ 90 % of the batches (of the
+    days, for sea temperatures) inside. Examines the batches and days judged."""
+    from pipeline.realism import realism_figures
+
+    began = time.perf_counter()
+    figures = realism_figures(conn, batch_ids)
+    return plausibility_result(figures, time.perf_counter() - began)
+
+
 CheckFunction = Callable[[Connection, list[int] | None], CheckResult]
 
 CHECKS: dict[str, CheckFunction] = {
@@ -1205,14 +1501,27 @@ CHECKS: dict[str, CheckFunction] = {
     "I-17": check_I_17,
 }
 
+JOB_CHECKS: dict[str, CheckFunction] = {
+    "I-18": check_I_18,
+    "I-19": check_I_19,
+    "I-20": check_I_20,
+}
+
+INVARIANTS: dict[str, CheckFunction] = {**CHECKS, **JOB_CHECKS}
+
 
 def run_checks(
-    conn: Connection, only: list[str] | None = None, batch_ids: list[int] | None = None
+    conn: Connection,
+    only: list[str] | None = None,
+    batch_ids: list[int] | None = None,
+    registry: dict[str, CheckFunction] = CHECKS,
 ) -> list[CheckResult]:
-    """Run the named checks (all when `only` is None) in invariant order."""
+    """Run the named checks of `registry` (all of it when `only` is None) in invariant
+    order. The default registry is the SQL checks I-1 … I-17; pass `INVARIANTS` for
+    all twenty (pipeline.verify does, with the ledger in mind)."""
     if only is not None:
-        unknown = sorted(set(only) - set(CHECKS))
+        unknown = sorted(set(only) - set(registry))
         if unknown:
             raise KeyError(f"unknown invariant(s): {', '.join(unknown)}")
-    names = [name for name in CHECKS if only is None or name in only]
-    return [CHECKS[name](conn, batch_ids) for name in names]
+    names = [name for name in registry if only is None or name in only]
+    return [registry[name](conn, batch_ids) for name in names]

@@ -18,6 +18,6 @@ def main() -> None:
 
 
 # Command modules register themselves on `app` when imported (keep this list sorted).
-from pipeline.cli import plan, run, simulate, updown  # noqa: E402, F401
+from pipeline.cli import plan, report, run, simulate, updown, verify  # noqa: E402, F401
 
 __all__ = ["Application", "UserError", "app", "main"]
