@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     lease_s: float = Field(default=120.0, ge=5, le=3600, description="job lease length")
     max_attempts: int = Field(default=5, ge=1, le=100)
     copy_chunk_rows: int = Field(default=200_000, ge=1_000, le=10_000_000)
+    queue: str = Field(
+        default="aquasim",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_.:@-]+$",
+        description="Celery queue of the batch jobs (one per dataset when datasets share a Redis)",
+    )
 
     @property
     def embedded(self) -> bool:

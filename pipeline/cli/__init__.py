@@ -18,6 +18,17 @@ def main() -> None:
 
 
 # Command modules register themselves on `app` when imported (keep this list sorted).
-from pipeline.cli import plan, report, run, simulate, updown, verify  # noqa: E402, F401
+from pipeline.cli import (  # noqa: E402, F401
+    flower,
+    plan,
+    report,
+    requeue,
+    run,
+    simulate,
+    status,
+    updown,
+    verify,
+    worker,
+)
 
 __all__ = ["Application", "UserError", "app", "main"]
