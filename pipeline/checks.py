@@ -1223,12 +1223,8 @@ class _Job:
     checksums: dict[str, str] | None
 
 
-def _succeeded_jobs(
-    conn: Connection, run_id: int, scope: _Scope, recorded_only: bool
-) -> tuple[list[_Job], int]:
-    """The succeeded jobs in scope, and how many were left out because their checksums
-    are not recorded yet (only with `recorded_only`: a worker may record them just after
-    its commit, see pipeline.ledger.record)."""
+def _succeeded_jobs(conn: Connection, run_id: int, scope: _Scope) -> list[_Job]:
+    """The succeeded jobs in scope (their checksums commit with their rows)."""
     rows = conn.execute(
         f"""SELECT batch_id, checksum, checksums FROM batch_job
              WHERE run_id = %(run_id)s AND state = 'succeeded' AND {scope("batch_id")}
@@ -1236,15 +1232,7 @@ def _succeeded_jobs(
         {"run_id": run_id, "batches": scope.ids},
         prepare=False,
     ).fetchall()
-    jobs = [_Job(int(b), c, cs) for b, c, cs in rows]
-    if not recorded_only:
-        return jobs, 0
-    kept = [j for j in jobs if j.checksum is not None and j.checksums is not None]
-    return kept, len(jobs) - len(kept)
-
-
-def _pending_note(pending: int) -> str:
-    return f"; {pending} succeeded jobs without recorded checksums yet left out" if pending else ""
+    return [_Job(int(b), c, cs) for b, c, cs in rows]
 
 
 def _ids(batches: Sequence[int]) -> str:
@@ -1300,21 +1288,19 @@ def check_I_18(
     batch_ids: list[int] | None,
     *,
     sample: int = DETERMINISM_SAMPLE,
-    in_flight_ok: bool = False,
 ) -> CheckResult:
     """Determinism: re-simulate `sample` succeeded batches in-process (engine and
     assimilation, no database write), chosen evenly over their ids, and compare every
     table's order-independent checksum with the one the job stored in
     `batch_job.checksums`. Examines the re-simulated rows; violations = tables differing
-    (a job without stored checksums differs in every table, unless `in_flight_ok`: mid-run
-    such a job is left out, its worker may be about to record them)."""
+    (a job without stored checksums differs in every table)."""
     from schema.models import BATCH_TABLES
     from workers.batch import compute_batch
     from workers.checksum import rows_checksums
 
     began = time.perf_counter()
     ctx, scope = _context(conn, batch_ids)
-    succeeded, pending = _succeeded_jobs(conn, ctx.run_id, scope, recorded_only=in_flight_ok)
+    succeeded = _succeeded_jobs(conn, ctx.run_id, scope)
     jobs = {j.batch_id: j for j in succeeded}
     chosen = sample_evenly(jobs, sample)
     examined, bad = 0, []
@@ -1335,7 +1321,6 @@ def check_I_18(
                     }
                 )
     note = f"re-simulated {len(chosen)} of {len(jobs)} succeeded batches: {_ids(chosen)}"
-    note += _pending_note(pending)
     return CheckResult(
         "I-18", examined, len(bad), bad[:EXAMPLES], time.perf_counter() - began, note
     )
@@ -1367,15 +1352,14 @@ def check_I_19(
     the job's `batch_job.checksums`, and their combination with `batch_job.checksum`.
     Then, over the whole database whatever the scope: no orphans, i.e. no rows of a
     batch without a succeeded job. With `in_flight_ok` (scheduled, mid-run) a queued or
-    running job's batch may hold an earlier attempt's rows, and a succeeded job whose
-    checksums are not recorded yet is left out. Violations = tables differing + combined
+    running job's batch may hold an earlier attempt's rows. Violations = tables differing + combined
     checksums differing + orphan rows."""
     from schema.models import BATCH_TABLES
     from workers.checksum import batch_checksum, stored_checksums
 
     began = time.perf_counter()
     ctx, scope = _context(conn, batch_ids)
-    succeeded, pending = _succeeded_jobs(conn, ctx.run_id, scope, recorded_only=in_flight_ok)
+    succeeded = _succeeded_jobs(conn, ctx.run_id, scope)
     jobs = {j.batch_id: j for j in succeeded}
     chosen = sample_evenly(jobs, sample)
     examined, violations, bad = 0, 0, []
@@ -1447,7 +1431,6 @@ def check_I_19(
             )
     how = "all" if len(chosen) == len(jobs) else f"a sample of {len(chosen)} of"
     note = f"checksums recomputed for {how} {len(jobs)} succeeded batches: {_ids(chosen)}"
-    note += _pending_note(pending)
     return CheckResult(
         "I-19", examined, violations, bad[:EXAMPLES], time.perf_counter() - began, note
     )

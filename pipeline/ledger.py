@@ -351,28 +351,6 @@ def succeed(
     )
 
 
-def record(
-    bind: Bind,
-    claim: Claim,
-    *,
-    rows_per_table: Mapping[str, int],
-    checksum: str,
-    checksums: Mapping[str, str],
-    timings: Mapping[str, float],
-) -> bool:
-    """Fill in a succeeded job's checksums and timings after the commit (for a writer
-    that cannot hand them to `succeed`). Not a transition: the state stays."""
-    with transaction(bind) as conn:
-        cur = conn.execute(
-            "UPDATE batch_job SET rows_per_table = %s, checksum = %s, checksums = %s, "
-            "timings = %s WHERE run_id = %s AND batch_id = %s AND state = 'succeeded' "
-            "AND attempt_token = %s",
-            (_json(rows_per_table), checksum, _json(checksums), _json(timings),
-             claim.run_id, claim.batch_id, claim.token),
-        )  # fmt: skip
-        return cur.rowcount == 1
-
-
 def fail(bind: Bind, claim: Claim, error: str) -> bool:
     """running → failed with the error, only while the claim is still ours."""
     with transaction(bind) as conn:

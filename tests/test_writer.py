@@ -346,7 +346,7 @@ def test_failing_before_commit_leaves_nothing_written(conn: psycopg.Connection) 
     rows = _engine_rows(ACTIVE)
     seen: list[int] = []
 
-    def check_token(c: psycopg.Connection) -> None:
+    def check_token(c: psycopg.Connection, _result: object) -> None:
         seen.append(_counts(c, ACTIVE)[READINGS])  # inside the transaction: all rows there
         raise TokenLost("attempt token superseded")
 
@@ -364,7 +364,7 @@ def test_failing_before_commit_leaves_nothing_written(conn: psycopg.Connection) 
 def test_failing_retry_keeps_the_earlier_attempt(conn: psycopg.Connection) -> None:
     first = write_batch(conn, _engine_rows(HARVESTED), replace=False)
 
-    def lose(_: psycopg.Connection) -> None:
+    def lose(_: psycopg.Connection, _result: object) -> None:
         raise TokenLost
 
     with pytest.raises(TokenLost):

@@ -52,7 +52,7 @@ def run_batch(
     *,
     replace: bool,
     chunk_rows: int = 200_000,
-    before_commit: Callable[[psycopg.Connection], None] | None = None,
+    before_commit: Callable[[psycopg.Connection, WriteResult], None] | None = None,
 ) -> BatchOutcome:
     rows, seconds = compute_batch(batch, scenario, farm, run_seed)
     began = time.perf_counter()

@@ -50,7 +50,7 @@ from pipeline.sweeper import sweep as sweep_once
 from workers.batch import BatchOutcome, compute_batch, load_job_inputs
 from workers.celery_app import TASK_SIMULATE, TASK_SWEEP, TASK_VERIFY, Broker, app
 from workers.signals import Heartbeat
-from workers.writer import write_batch
+from workers.writer import WriteResult, write_batch
 
 logger = logging.getLogger("aquasim.worker")
 
@@ -141,11 +141,6 @@ def run_job(
             error = error_line(exc)
             ledger.fail(lock, claim, error)
             raise BatchFailed(f"batch {batch_id}: {error}") from exc
-        written = outcome.written
-        ledger.record(
-            lock, claim, rows_per_table=written.rows, checksum=written.checksum,
-            checksums=written.checksums, timings=outcome.seconds,
-        )  # fmt: skip
         return JobResult(batch_id, "succeeded", outcome.rows_written, claim.attempts)
 
 
@@ -158,11 +153,14 @@ def _write(engine: Engine, url: str, claim: ledger.Claim, chunk_rows: int) -> Ba
     inputs = load_job_inputs(engine, batch_id)
     rows, seconds = compute_batch(inputs.batch, inputs.scenario, inputs.farm, inputs.run_seed)
 
-    def before_commit(conn: psycopg.Connection) -> None:
+    def before_commit(conn: psycopg.Connection, written: WriteResult) -> None:
         if batch_id in _env_batches("AQUASIM_HOLD_BATCHES"):
             time.sleep(float(os.environ.get("AQUASIM_HOLD_S", "3")))
-        # The writer hands over no checksums here; `ledger.record` adds them after the commit.
-        ledger.succeed(conn, claim, rows_written=_row_count(rows), timings=seconds)
+        ledger.succeed(
+            conn, claim, rows_written=written.total_rows, rows_per_table=written.rows,
+            checksum=written.checksum, checksums=written.checksums,
+            timings={**seconds, "write": time.perf_counter() - began},
+        )  # fmt: skip
 
     began = time.perf_counter()
     with psycopg.connect(url, application_name=f"aquasim batch {batch_id} writer") as conn:
@@ -171,13 +169,6 @@ def _write(engine: Engine, url: str, claim: ledger.Claim, chunk_rows: int) -> Ba
         )
     seconds["write"] = time.perf_counter() - began
     return BatchOutcome(rows, written, seconds)
-
-
-def _row_count(rows: Any) -> int:
-    total = sum(len(next(iter(cols.values()), ())) for cols in rows.tables.values())
-    if "environmental_reading" not in rows.tables:
-        total += rows.reading_count()
-    return total
 
 
 def error_line(exc: BaseException) -> str:

@@ -281,11 +281,12 @@ def write_batch(
     *,
     replace: bool,
     chunk_rows: int = CHUNK_ROWS,
-    before_commit: Callable[[psycopg.Connection], None] | None = None,
+    before_commit: Callable[[psycopg.Connection, WriteResult], None] | None = None,
 ) -> WriteResult:
     """Write all of one batch's rows in one transaction; on a retry (`replace`) first
-    delete whatever an earlier attempt left. `before_commit(conn)` runs last inside
-    the transaction (the caller checks its attempt token there; raising aborts).
+    delete whatever an earlier attempt left. `before_commit(conn, result)` runs last
+    inside the transaction (the caller checks its attempt token there and records the
+    result with the rows; raising aborts).
     Any exception rolls everything back and propagates.
     """
     if conn.info.transaction_status != TransactionStatus.IDLE:
@@ -316,6 +317,7 @@ def write_batch(
             counts[table] = writer.rows
             checksums[table] = writer.checksum.hexdigest()
             seconds[table] = time.perf_counter() - t0
+        result = WriteResult(counts, checksums, batch_checksum(checksums), seconds)
         if before_commit is not None:
-            before_commit(conn)
-    return WriteResult(counts, checksums, batch_checksum(checksums), seconds)
+            before_commit(conn, result)
+    return result
