@@ -13,6 +13,7 @@ by as many parallel connections as there were workers (the data ends identical).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -33,32 +34,70 @@ from schema.models import BATCH_TABLES, COPY_COLUMNS
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class MemorySampler(threading.Thread):
-    """Peak resident memory of every celery worker process (pool children included)."""
+class ProcessSampler(threading.Thread):
+    """Peak resident memory of the celery worker processes, and the CPU time of the
+    workers and of PostgreSQL (server processes, reaped children included: a writer's
+    backend lives only as long as its job), sampled every half second."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.peak: dict[int, tuple[str, int]] = {}
+        self.series: list[tuple[float, float, float]] = []  # (time, worker cpu, postgres cpu)
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.wait(0.5):
-            for proc in psutil.process_iter(["pid", "cmdline", "memory_info"]):
-                cmd = " ".join(proc.info["cmdline"] or ())
-                if "celery" in cmd and " worker" in cmd and proc.info["memory_info"]:
+            totals = {"worker": 0.0, "postgres": 0.0}
+            for proc in psutil.process_iter(["pid", "ppid", "name", "cmdline", "memory_info"]):
+                kind = _kind(proc.info)
+                if kind is None:
+                    continue
+                group = "postgres" if kind == "postgres" else "worker"
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    totals[group] += times.user + times.system
+                    if _is_root(proc):  # children it has reaped
+                        totals[group] += times.children_user + times.children_system
+                if group == "worker" and proc.info["memory_info"]:
                     rss = proc.info["memory_info"].rss
-                    name = re.search(r"-n (\S+)", cmd)
-                    label = name.group(1) if name else str(proc.info["pid"])
                     if rss > self.peak.get(proc.info["pid"], ("", 0))[1]:
-                        self.peak[proc.info["pid"]] = (label, rss)
+                        self.peak[proc.info["pid"]] = (kind, rss)
+            self.series.append((time.time(), totals["worker"], totals["postgres"]))
+
+    def cores_busy(self, since: float, until: float) -> tuple[float, float]:
+        """Average cores used by the workers and by PostgreSQL between two epoch times."""
+        inside = [x for x in self.series if since <= x[0] <= until]
+        if len(inside) < 2:
+            return 0.0, 0.0
+        (t0, w0, p0), (t1, w1, p1) = inside[0], inside[-1]
+        return (w1 - w0) / (t1 - t0), (p1 - p0) / (t1 - t0)
 
 
-def run_aquasim(scenario: str, workers: int, env: dict[str, str]) -> tuple[float, str]:
-    sampler = MemorySampler()
+def _is_root(proc: psutil.Process) -> bool:
+    try:
+        parent = proc.parent()
+    except psutil.Error:
+        return False
+    return parent is None or _kind({"name": parent.name(), "cmdline": parent.cmdline()}) is None
+
+
+def _kind(info: dict) -> str | None:
+    if info["name"] == "postgres":
+        return "postgres"
+    cmd = " ".join(info["cmdline"] or ())
+    if "celery" in cmd and " worker" in cmd:
+        name = re.search(r"-n (\S+)", cmd)
+        return name.group(1) if name else "worker"
+    return None
+
+
+def run_aquasim(scenario: str, workers: int, env: dict[str, str], *extra: str) -> tuple[float, str]:
+    sampler = ProcessSampler()
     sampler.start()
     began = time.perf_counter()
     done = subprocess.run(
-        [str(ROOT / ".venv/bin/aquasim"), "run", "--scenario", scenario, "--workers", str(workers)],
+        [str(ROOT / ".venv/bin/aquasim"), "run", "--scenario", scenario, "--workers", str(workers),
+         *extra],
         env=env, cwd=ROOT, capture_output=True, text=True, check=False,
     )  # fmt: skip
     wall = time.perf_counter() - began
@@ -68,12 +107,12 @@ def run_aquasim(scenario: str, workers: int, env: dict[str, str]) -> tuple[float
     if done.returncode != 0:
         print(output[-3000:])
         sys.exit(f"aquasim run failed with exit code {done.returncode}")
-    global PEAKS
-    PEAKS = sampler.peak
+    global SAMPLER
+    SAMPLER = sampler
     return wall, output
 
 
-PEAKS: dict[int, tuple[str, int]] = {}
+SAMPLER = ProcessSampler()
 
 
 def _dump(conn: psycopg.Connection, table: str, batch_id: int) -> bytes:
@@ -131,6 +170,7 @@ def report(url: str, wall: float, output: str, workers: int, ceiling_sample: int
             "FROM batch_job WHERE state = 'succeeded'"
         ).fetchone()
         n, rows, engine_s, assim_s, write_s, first, last = jobs
+        rows = int(rows)
         span = (last - first).total_seconds()
         print(
             f"jobs: {n} batches, {rows:,} rows in {span:.1f} s of jobs = {rows / span:,.0f} rows/s"
@@ -156,7 +196,7 @@ def report(url: str, wall: float, output: str, workers: int, ceiling_sample: int
                 "SELECT batch_id FROM batch_job WHERE state = 'succeeded' ORDER BY batch_id"
             ).fetchall()
         ]
-    for pid, (label, rss) in sorted(PEAKS.items()):
+    for pid, (label, rss) in sorted(SAMPLER.peak.items()):
         print(f"peak memory {label} (pid {pid}): {rss / 2**20:.0f} MiB")
     step = max(1, len(sample) // ceiling_sample)
     chosen = sample[::step][:ceiling_sample]
@@ -176,11 +216,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--ceiling-batches", type=int, default=12)
     parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--skip-run", action="store_true", help="report on --data-dir only")
     args = parser.parse_args()
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="aquasim-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AQUASIM_")}
     env["AQUASIM_DATA_DIR"] = str(data_dir)
-    wall, output = run_aquasim(args.scenario, args.workers, env)
+    wall, output = (0.0, "") if args.skip_run else run_aquasim(args.scenario, args.workers, env)
     services = EmbeddedServices(data_dir)
     services.start()
     try:
