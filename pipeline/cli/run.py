@@ -232,6 +232,16 @@ def run(
         ),
     ] = None,
     reset: Annotated[bool, typer.Option("--reset", help="Wipe the dataset first.")] = False,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            dir_okay=False,
+            metavar="FILE",
+            help="HTML report to write at the end (default: <data dir>/report.html).",
+        ),
+    ] = None,
+    no_report: Annotated[bool, typer.Option("--no-report", help="Write no report.")] = False,
 ) -> None:
     """The overnight job: plan once, generate every batch not yet done, verify, summarise."""
     application = Application.of(ctx, scenario=scenario, seed=seed)
@@ -290,10 +300,25 @@ def run(
             ledger.set_run_status(engine, run_id, "failed" if failures else "succeeded")
             verified = _verify(out, engine)
             phases.lap("verify")
+            if not no_report:
+                _report(out, engine, report or settings.data_dir / "report.html")
 
     _summary(out, planned.batches, start, end, failures, verified, phases)
     if failures or verified is False:
         raise typer.Exit(1)
+
+
+def _report(out: Console, engine: Engine, path: Path) -> None:
+    """The HTML report, after the timed phases; a failure to plot never fails the run."""
+    from pipeline.report import write_report
+
+    try:
+        with psycopg.connect(libpq_url(engine.url.render_as_string(False))) as conn:
+            summary = write_report(conn, path)
+    except Exception as exc:  # noqa: BLE001 - the data is written and verified already
+        out.print(Text(f"report not written: {exc}"))
+        return
+    out.print(Text(f"report: {summary.path} ({summary.bytes / 1e6:.1f} MB)"), soft_wrap=True)
 
 
 @contextlib.contextmanager
