@@ -9,7 +9,6 @@ the check must report it with an example. The clean dataset stays clean.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,13 +17,10 @@ import psycopg
 import pytest
 
 from pipeline.checks import CHECKS, CheckResult, readings_per_day, run_checks, run_context
-from pipeline.database import make_engine, persist_plan
-from pipeline.farm import build_farm
-from pipeline.planner import plan, stage_starts
+from pipeline.planner import stage_starts
 from pipeline.scenario import load_scenario
-from schema import create_schema
-from tests.conftest import ROOT, _admin_url
-from workers.batch import run_batch
+from tests.conftest import ROOT
+from tests.demo_data import build_demo, scratch_database
 
 HARVESTED, HARVESTED_2, AT_SEA, FRESHWATER = 1, 4, 5, 9
 BATCHES = [HARVESTED, HARVESTED_2, AT_SEA, FRESHWATER]
@@ -41,32 +37,12 @@ class Dataset:
 @pytest.fixture(scope="module")
 def dataset(server_url: str) -> Iterator[Dataset]:
     """A fresh database holding the demo plan and four simulated batches."""
-    name = f"aq_checks_{uuid.uuid4().hex[:10]}"
-    admin = _admin_url(server_url, "postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = _admin_url(server_url, name)
-    try:
+    with scratch_database(server_url, "aq_checks") as url:
         began = time.perf_counter()
-        scenario = load_scenario(ROOT / "scenarios" / "demo.toml")
-        farm = build_farm(scenario)
-        the_plan = plan(scenario, farm)
-        engine = make_engine(url)
-        try:
-            create_schema(engine)
-            persist_plan(engine, scenario, farm, the_plan)
-        finally:
-            engine.dispose()
-        by_id = {b.batch_id: b for b in the_plan.batches}
-        with psycopg.connect(url) as conn:
-            for batch_id in BATCHES:
-                run_batch(conn, by_id[batch_id], scenario, farm, the_plan.seed, replace=False)
+        build_demo(url, BATCHES)
         built = time.perf_counter() - began
         with psycopg.connect(url, autocommit=True) as conn:
             yield Dataset(conn, url, built)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_dataset_has_the_intended_batches(dataset: Dataset) -> None:

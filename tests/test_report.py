@@ -11,14 +11,12 @@ rendered plotly `svg.main-svg` with at least one trace. The screenshot is kept a
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from html.parser import HTMLParser
@@ -30,14 +28,11 @@ from typer.testing import CliRunner
 
 from pipeline import realism
 from pipeline.cli import app
-from pipeline.database import make_engine, persist_plan
-from pipeline.farm import build_farm
-from pipeline.planner import plan, stage_starts
+from pipeline.planner import stage_starts
 from pipeline.report import FIGURE_IDS, collect, expected_curve, pick_sample, realism_data
 from pipeline.scenario import load_scenario
-from schema import create_schema
-from tests.conftest import ROOT, _admin_url
-from workers.batch import run_batch
+from tests.conftest import ROOT
+from tests.demo_data import build_demo, scratch_database
 from workers.engine import calibrated_tgc
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -177,50 +172,9 @@ def scan_plots(dom: str, ids: tuple[str, ...]) -> dict[str, dict[str, int]]:
 @pytest.fixture(scope="module")
 def demo_url(server_url: str) -> Iterator[str]:
     """A fresh database holding the demo plan and every batch, with a filled ledger."""
-    name = f"aq_report_{uuid.uuid4().hex[:10]}"
-    admin = _admin_url(server_url, "postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = _admin_url(server_url, name)
-    try:
-        scenario = load_scenario(ROOT / "scenarios" / "demo.toml")
-        farm = build_farm(scenario)
-        the_plan = plan(scenario, farm)
-        engine = make_engine(url)
-        try:
-            create_schema(engine)
-            run_id = persist_plan(engine, scenario, farm, the_plan)
-        finally:
-            engine.dispose()
-        with psycopg.connect(url) as conn:
-            for batch in the_plan.batches:  # as `aquasim run` does, ledger included
-                key = {"run": run_id, "batch": batch.batch_id}
-                conn.execute(
-                    "UPDATE batch_job SET state = 'running', started_at = clock_timestamp(), "
-                    "attempts = attempts + 1 WHERE run_id = %(run)s AND batch_id = %(batch)s",
-                    key,
-                )
-                conn.commit()
-                outcome = run_batch(conn, batch, scenario, farm, the_plan.seed, replace=False)
-                conn.execute(
-                    "UPDATE batch_job SET state = 'succeeded', finished_at = clock_timestamp(), "
-                    "rows_written = %(rows)s, rows_per_table = %(per)s, checksum = %(sum)s, "
-                    "checksums = %(sums)s, timings = %(timings)s, worker = 'test' "
-                    "WHERE run_id = %(run)s AND batch_id = %(batch)s",
-                    {
-                        **key,
-                        "rows": outcome.rows_written,
-                        "per": json.dumps(outcome.written.rows),
-                        "sum": outcome.written.checksum,
-                        "sums": json.dumps(outcome.written.checksums),
-                        "timings": json.dumps(outcome.seconds),
-                    },
-                )
-                conn.commit()
+    with scratch_database(server_url, "aq_report") as url:
+        build_demo(url)
         yield url
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,15 @@ are committed for real and never leak into another test.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 
 from pipeline.checks import (
     DETERMINISM_SAMPLE,
@@ -30,15 +29,10 @@ from pipeline.checks import (
     check_I_20,
     sample_evenly,
 )
-from pipeline.database import make_engine, persist_plan
-from pipeline.farm import build_farm
-from pipeline.planner import plan
+from pipeline.database import make_engine
 from pipeline.realism import MEASURES, gather
-from pipeline.scenario import load_scenario
 from pipeline.verify import NoRun, normalise, run_verification
-from schema import create_schema
-from tests.conftest import ROOT, _admin_url
-from workers.batch import run_batch
+from tests.demo_data import build_demo, scratch_database
 
 HARVESTED = [1, 2, 3, 4]
 ALL_BATCHES = list(range(1, 11))
@@ -52,67 +46,23 @@ class Template:
     build_seconds: float
 
 
-def build_demo(url: str) -> None:
-    """The demo plan and all its batches in the (empty) database at `url`, every job
-    marked succeeded with the checksums the writer reported."""
-    scenario = load_scenario(ROOT / "scenarios" / "demo.toml")
-    farm = build_farm(scenario)
-    the_plan = plan(scenario, farm)
-    engine = make_engine(url)
-    try:
-        create_schema(engine)
-        persist_plan(engine, scenario, farm, the_plan)
-    finally:
-        engine.dispose()
-    with psycopg.connect(url) as conn:
-        for batch in the_plan.batches:
-            outcome = run_batch(conn, batch, scenario, farm, the_plan.seed, replace=False)
-            written = outcome.written
-            conn.execute(
-                """UPDATE batch_job
-                      SET state = 'succeeded', attempts = 1, started_at = now(),
-                          finished_at = now(), worker = 'test', rows_written = %s,
-                          checksum = %s, checksums = %s, rows_per_table = %s
-                    WHERE batch_id = %s""",
-                (
-                    written.total_rows,
-                    written.checksum,
-                    json.dumps(written.checksums),
-                    json.dumps(written.rows),
-                    batch.batch_id,
-                ),
-            )
-            conn.commit()
-
-
 @pytest.fixture(scope="session")
 def verify_template(server_url: str) -> Iterator[Template]:
     """A template database holding the clean demo dataset (no connection left open)."""
-    name = f"aq_verify_tpl_{uuid.uuid4().hex[:10]}"
-    admin = _admin_url(server_url, "postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
+    with scratch_database(server_url, "aq_verify_tpl") as url:
         began = time.perf_counter()
-        build_demo(_admin_url(server_url, name))
+        build_demo(url)
+        name = make_url(url).database or ""
         yield Template(server_url, name, time.perf_counter() - began)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
 def demo_url(verify_template: Template) -> Iterator[str]:
     """A fresh copy of the clean demo dataset; dropped afterwards. libpq URL."""
-    name = f"aq_verify_{uuid.uuid4().hex[:10]}"
-    admin = _admin_url(verify_template.server_url, "postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{verify_template.name}"')
-    try:
-        yield _admin_url(verify_template.server_url, name)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(
+        verify_template.server_url, "aq_verify", template=verify_template.name
+    ) as url:
+        yield url
 
 
 def execute(url: str, *statements: str) -> None:
