@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -262,14 +262,11 @@ def _scope(column: str, batch_ids: list[int] | None) -> str:
     return "TRUE" if batch_ids is None else f"{column} = ANY(%(batches)s::bigint[])"
 
 
-def _batch_sql(batch_ids: list[int] | None) -> str:
-    s = lambda column: _scope(column, batch_ids)  # noqa: E731
+def flow_ctes(s: Callable[[str], str]) -> str:
+    """CTEs shared with the report: the scoped assignments (`asg`), fish moves (`moves`),
+    per-batch placements and sea stocking (`flows`), the largest ring stocking (`rings`)
+    and harvests (`harvest`); `s(column)` gives each table's batch filter."""
     return f"""
-WITH b AS (
-    SELECT b.id, g.name AS geography, b.status, b.harvest_target_g
-      FROM batch b JOIN geography g ON g.id = b.geography_id
-     WHERE {s("b.id")}
-),
 asg AS (
     SELECT a.id, a.batch_id, c.sea_area_id IS NOT NULL AS at_sea,
            c.volume_m3, c.max_biomass_kg
@@ -300,6 +297,22 @@ rings AS (
               FROM moves WHERE into_ring GROUP BY 1, 2) per_ring
      GROUP BY batch_id
 ),
+harvest AS (
+    SELECT batch_id, sum(fish_count) AS n, sum(biomass_kg) AS kg, max(harvest_date) AS last_day
+      FROM harvest_event WHERE {s("batch_id")}
+     GROUP BY batch_id
+)"""
+
+
+def _batch_sql(batch_ids: list[int] | None) -> str:
+    s = lambda column: _scope(column, batch_ids)  # noqa: E731
+    return f"""
+WITH b AS (
+    SELECT b.id, g.name AS geography, b.status, b.harvest_target_g
+      FROM batch b JOIN geography g ON g.id = b.geography_id
+     WHERE {s("b.id")}
+),
+{flow_ctes(s)},
 sea_dead AS (
     SELECT m.batch_id, sum(m.fish_count) AS n
       FROM mortality_event m JOIN asg a ON a.id = m.assignment_id AND a.at_sea
@@ -311,11 +324,6 @@ sea_feed AS (
       FROM feeding_event f JOIN asg a ON a.id = f.assignment_id AND a.at_sea
      WHERE {s("f.batch_id")}
      GROUP BY f.batch_id
-),
-harvest AS (
-    SELECT batch_id, sum(fish_count) AS n, sum(biomass_kg) AS kg, max(harvest_date) AS last_day
-      FROM harvest_event WHERE {s("batch_id")}
-     GROUP BY batch_id
 ),
 density AS (
     SELECT s.batch_id,

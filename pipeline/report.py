@@ -192,36 +192,11 @@ GROUP BY batch_id, state_date
 ORDER BY batch_id, state_date
 """
 
-# Per batch with rows, the figures of pipeline.realism.MEASURES (same definitions as
-# realism.gather), but sea deaths, sea feed and densities come from one scan of the
+# Per batch with rows, the figures of pipeline.realism.MEASURES (its flow CTEs, the same
+# definitions as realism.gather), but sea deaths, sea feed and densities come from one scan of the
 # daily state (its deaths and feed are the day's mortality and feeding rows summed).
-SQL_BATCH_FIGURES = """
-WITH asg AS (
-    SELECT a.id, a.batch_id, c.sea_area_id IS NOT NULL AS at_sea, c.volume_m3, c.max_biomass_kg
-      FROM assignment a JOIN container c ON c.id = a.container_id
-),
-moves AS (
-    SELECT t.batch_id, t.transfer_date, t.fish_count, t.biomass_kg, t.dest_assignment_id,
-           t.source_assignment_id IS NULL AS placement, d.at_sea AS into_ring,
-           d.at_sea AND NOT coalesce(src.at_sea, false) AS to_sea
-      FROM transfer_action t
-      JOIN asg d ON d.id = t.dest_assignment_id
-      LEFT JOIN asg src ON src.id = t.source_assignment_id
-),
-flows AS (
-    SELECT batch_id,
-           sum(fish_count) FILTER (WHERE placement) AS eggs_placed,
-           sum(fish_count) FILTER (WHERE to_sea) AS put_to_sea,
-           sum(biomass_kg) FILTER (WHERE to_sea) AS stocked_kg,
-           min(transfer_date) FILTER (WHERE to_sea) AS first_sea_day
-      FROM moves GROUP BY batch_id
-),
-rings AS (
-    SELECT batch_id, max(n) AS largest_stocking
-      FROM (SELECT batch_id, dest_assignment_id, sum(fish_count) AS n
-              FROM moves WHERE into_ring GROUP BY 1, 2) per_ring
-     GROUP BY batch_id
-),
+SQL_BATCH_FIGURES = f"""
+WITH {realism.flow_ctes(lambda _column: "TRUE")},
 state AS (
     SELECT d.batch_id,
            sum(d.deaths) FILTER (WHERE a.at_sea) AS sea_deaths,
@@ -230,10 +205,6 @@ state AS (
            max(d.biomass_kg / a.max_biomass_kg) FILTER (WHERE NOT a.at_sea) AS tank_load
       FROM daily_assignment_state d JOIN asg a ON a.id = d.assignment_id
      GROUP BY d.batch_id
-),
-harvest AS (
-    SELECT batch_id, sum(fish_count) AS n, sum(biomass_kg) AS kg, max(harvest_date) AS last_day
-      FROM harvest_event GROUP BY batch_id
 )
 SELECT b.id AS batch_id, g.name AS geography, b.status,
        100.0 * f.put_to_sea / nullif(f.eggs_placed, 0) AS freshwater_survival_pct,
